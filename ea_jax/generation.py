@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from flax import nnx
 from flax import struct
 from tqdm.auto import tqdm
 
-from ea_jax import sharding
+from ea_jax import io, sharding
 from ea_jax.chat import Message, encode_chat
 from ea_jax.loading import LoadedModel
 from ea_jax.model import KVCache, positions_from_mask
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+
+# Shapes already compiled in this process. jax.jit caches across Generator instances, so the
+# compile log is process-wide too.
+_SEEN_SHAPES: set[tuple] = set()
 
 
 class PromptTooLongError(ValueError):
@@ -248,13 +253,16 @@ class Generator:
         self._compiled_shapes: set[tuple] = set()
 
     def _log_compile(self, kind: str, **shape) -> None:
-        key = (kind, *sorted(shape.items()))
-        if key not in self._compiled_shapes:
-            self._compiled_shapes.add(key)
+        """Log the first use of each shape: jit compiles once per shape and model config."""
+        key = (kind, self.model.config, *sorted(shape.items()))
+        self._compiled_shapes.add(key)
+        if key not in _SEEN_SHAPES:
+            _SEEN_SHAPES.add(key)
             logger.info("compiling %s for %s", kind, ", ".join(f"{k}={v}" for k, v in shape.items()))
 
     @property
     def num_compiled_shapes(self) -> int:
+        """Distinct (kind, shape) pairs this generator has run; each costs one compilation at most."""
         return len(self._compiled_shapes)
 
     def check_lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -386,3 +394,38 @@ class Generator:
         if eos_at is not None:
             return Completion(text, tuple(row_tokens), FINISH_EOS, num_prompt_tokens)
         return Completion(text, tuple(row_tokens), FINISH_LENGTH, num_prompt_tokens)
+
+
+def generate_journalled(
+    generator: Generator,
+    journal: Path,
+    jobs: list[tuple[str, int, list[Message]]],  # (record id, stable row id, conversation)
+    sampling: SamplingConfig,
+    seed: int,
+    chunk: int,
+    desc: str,
+) -> dict[str, dict]:
+    """Generate the jobs missing from `journal`, appending each finished chunk of `chunk` jobs.
+
+    A rerun after a crash reads the journal and generates only what is missing; `row` ids seed
+    the per-row PRNG keys, so regenerated rows get the same samples as an uninterrupted run.
+    """
+    done = io.read_journal(journal)
+    pending = [job for job in jobs if job[0] not in done]
+    if done:
+        logger.info("%s: %d of %d already in %s", desc, len(jobs) - len(pending), len(jobs), journal.name)
+    for start in range(0, len(pending), chunk):
+        part = pending[start : start + chunk]
+        prompts = [encode_chat(generator.model.tokenizer, conversation) for _, _, conversation in part]
+        completions = generator.generate(
+            prompts, sampling, seed=seed, row_ids=[row for _, row, _ in part],
+            desc=f"{desc} {start + len(part)}/{len(pending)}",
+        )
+        entries = [
+            {"id": record_id, "text": completion.text, "finish_reason": completion.finish_reason,
+             "num_tokens": len(completion.token_ids)}
+            for (record_id, _, _), completion in zip(part, completions)
+        ]
+        io.append_jsonl(journal, entries)
+        done.update({entry["id"]: entry for entry in entries})
+    return done
