@@ -1,0 +1,1 @@
+"""Run configurations: one file per constitution x scope, all built on base.py."""

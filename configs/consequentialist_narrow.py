@@ -1,0 +1,10 @@
+"""Consequentialism constitution, narrow scope."""
+
+from configs.base import get_config as base_config
+
+
+def get_config():
+    config = base_config()
+    config.constitution = "consequentialism"
+    config.scope = "narrow"
+    return config

@@ -1,0 +1,10 @@
+"""Deontology constitution, broad scope."""
+
+from configs.base import get_config as base_config
+
+
+def get_config():
+    config = base_config()
+    config.constitution = "deontology"
+    config.scope = "broad"
+    return config

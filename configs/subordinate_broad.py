@@ -1,0 +1,10 @@
+"""Subordinate-to-human-authority constitution, broad scope."""
+
+from configs.base import get_config as base_config
+
+
+def get_config():
+    config = base_config()
+    config.constitution = "subordinate"
+    config.scope = "broad"
+    return config
