@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
 
     config.data = ml_collections.ConfigDict()
+    config.data.taxonomy = ""  # taxonomy JSON; "" uses the shipped ea_jax/data/taxonomy.json
+    config.data.train_prompts = ""  # red-team training pool (JSONL); "" uses the shipped file
+    config.data.eval_prompts = ""  # red-team evaluation set (JSONL); "" uses the shipped file
+    config.data.benign_prompts = ""  # benign over-refusal set (JSONL); "" uses the shipped file
     config.data.max_train_prompts = 0  # cap on in-scope training prompts; 0 keeps all
     config.data.max_eval_prompts_per_subcategory = 0  # 0 keeps all
     config.data.max_benign_prompts = 0  # 0 keeps all
@@ -44,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.cai.critique_max_new_tokens = 128
     config.cai.revision_max_new_tokens = 192
     config.cai.min_revision_words = 3  # shorter revisions are filtered out
+    config.cai.keep_truncated = False  # keep revisions cut off at revision_max_new_tokens (smoke tests only)
 
     config.sft = ml_collections.ConfigDict()
     config.sft.num_epochs = 3  # sets num_steps when num_steps is 0

@@ -14,6 +14,7 @@ stage is journalled to JSONL as it completes, so a rerun after a crash continues
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ import numpy as np
 from ea_jax import io
 from ea_jax.chat import Message
 from ea_jax.constitutions import Constitution, Principle, draw_principle, principle_by_id
-from ea_jax.generation import FINISH_LENGTH, Generator, SamplingConfig, generate_journalled
+from ea_jax.generation import FINISH_LENGTH, Generator, SamplingConfig, generate_journalled, stable_row_id
 from ea_jax.prompts import PromptRecord
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class CAIConfig:
     revision: SamplingConfig = SamplingConfig(max_new_tokens=192, temperature=0.7, top_p=0.9)
     journal_every: int = 32  # prompts per generation call between journal writes
     min_revision_words: int = 3
+    # Revisions cut off at max_new_tokens teach the model to stop mid-sentence, so they are
+    # dropped unless this is set (useful only for smoke tests with tiny token limits).
+    keep_truncated: bool = False
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -105,21 +109,22 @@ def revision_conversation(
 def draw_principles(constitution: Constitution, prompt_ids: Sequence[str], rounds: int, seed: int) -> dict[str, list[str]]:
     """Principle ids per prompt and round, from one seeded generator per prompt.
 
-    Seeding per prompt (seed, index in sorted ids) keeps a prompt's principles fixed when the
-    set of prompts changes, for example when a smaller run is extended.
+    Each prompt's generator is seeded by (seed, a hash of the prompt id), so a prompt's
+    principles stay fixed when other prompts are added or removed.
     """
     drawn = {}
-    for index, prompt_id in enumerate(sorted(prompt_ids)):
-        rng = np.random.default_rng([seed, index])
+    for prompt_id in prompt_ids:
+        id_seed = int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16)
+        rng = np.random.default_rng([seed, id_seed])
         drawn[prompt_id] = [draw_principle(constitution, rng).id for _ in range(rounds)]
     return drawn
 
 
-def filter_reason(revision: str, finish_reason: str, min_words: int) -> str | None:
+def filter_reason(revision: str, finish_reason: str, min_words: int, keep_truncated: bool = False) -> str | None:
     """Why a revision is unusable as a training target, or None when it is usable."""
     if not revision.strip():
         return "empty"
-    if finish_reason == FINISH_LENGTH:
+    if finish_reason == FINISH_LENGTH and not keep_truncated:
         return "truncated"
     if len(revision.split()) < min_words:
         return "too_short"
@@ -136,8 +141,7 @@ def generate_initial_responses(
     generator: Generator, prompts: Sequence[PromptRecord], config: CAIConfig, journal: Path
 ) -> dict[str, dict]:
     """Source-model answers to the red-team prompts; independent of the constitution."""
-    rows = {record.id: index for index, record in enumerate(sorted(prompts, key=lambda r: r.id))}
-    jobs = [(record.id, rows[record.id], answer_conversation(record.prompt)) for record in prompts]
+    jobs = [(record.id, stable_row_id(record.id), answer_conversation(record.prompt)) for record in prompts]
     return generate_journalled(generator, journal, jobs, config.answer, config.seed, config.journal_every, "initial answers")
 
 
@@ -154,7 +158,6 @@ def generate_cai_records(
     initial_journal = initial_journal or work_dir / INITIAL_JOURNAL
     initial = generate_initial_responses(generator, prompts, config, initial_journal)
     principles = draw_principles(constitution, [record.id for record in prompts], config.rounds, config.seed)
-    rows = {record.id: index for index, record in enumerate(sorted(prompts, key=lambda r: r.id))}
 
     latest = {record.id: initial[record.id] for record in prompts}
     rounds: dict[str, list[dict]] = {record.id: [] for record in prompts}
@@ -163,7 +166,7 @@ def generate_cai_records(
         principle_of = {pid: principle_by_id(constitution, principles[pid][round_index]) for pid in by_id}
 
         critique_jobs = [
-            (pid, rows[pid], critique_conversation(constitution, by_id[pid].prompt, latest[pid]["text"], principle_of[pid]))
+            (pid, stable_row_id(pid), critique_conversation(constitution, by_id[pid].prompt, latest[pid]["text"], principle_of[pid]))
             for pid in by_id
         ]
         critiques = generate_journalled(
@@ -172,7 +175,7 @@ def generate_cai_records(
         )
 
         revision_jobs = [
-            (pid, rows[pid], revision_conversation(
+            (pid, stable_row_id(pid), revision_conversation(
                 constitution, by_id[pid].prompt, latest[pid]["text"], principle_of[pid], critiques[pid]["text"]))
             for pid in by_id
         ]
@@ -197,7 +200,9 @@ def generate_cai_records(
     records = []
     for record in prompts:
         final = rounds[record.id][-1]
-        reason = filter_reason(final["revision"], final["revision_finish_reason"], config.min_revision_words)
+        reason = filter_reason(
+            final["revision"], final["revision_finish_reason"], config.min_revision_words, config.keep_truncated
+        )
         records.append({
             "id": record.id,
             "prompt": record.prompt,

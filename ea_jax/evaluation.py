@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ea_jax import io, persona, sharding, stats
 from ea_jax.chat import encode_chat, user_turn
-from ea_jax.generation import Generator, SamplingConfig, generate_journalled
+from ea_jax.generation import Generator, SamplingConfig, generate_journalled, stable_row_id
 from ea_jax.judges import RefusalJudge
 from ea_jax.loading import LoadedModel
 from ea_jax.model import causal_mask, positions_from_mask
@@ -59,8 +59,7 @@ class EvalConfig:
 def generate_responses(
     generator: Generator, prompts: Sequence[PromptRecord], config: EvalConfig, journal: Path, desc: str
 ) -> dict[str, dict]:
-    rows = {record.id: index for index, record in enumerate(sorted(prompts, key=lambda r: r.id))}
-    jobs = [(record.id, rows[record.id], user_turn(record.prompt)) for record in prompts]
+    jobs = [(record.id, stable_row_id(record.id), user_turn(record.prompt)) for record in prompts]
     return generate_journalled(generator, journal, jobs, config.sampling, config.seed, config.journal_every, desc)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -394,6 +395,11 @@ class Generator:
         if eos_at is not None:
             return Completion(text, tuple(row_tokens), FINISH_EOS, num_prompt_tokens)
         return Completion(text, tuple(row_tokens), FINISH_LENGTH, num_prompt_tokens)
+
+
+def stable_row_id(record_id: str) -> int:
+    """A PRNG row id derived from a record id, so a record's samples do not depend on its neighbours."""
+    return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def generate_journalled(

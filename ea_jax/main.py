@@ -174,8 +174,33 @@ class Stage:
 # Stages.
 
 
+def load_prompt_sets(config: ConfigDict) -> prompts.PromptSets:
+    """The shipped prompt sets, or the files named in config.data, validated and checked for leaks."""
+    paths = {"taxonomy": config.data.taxonomy, "train_prompts": config.data.train_prompts,
+             "eval_prompts": config.data.eval_prompts, "benign_prompts": config.data.benign_prompts}
+    for field, path in paths.items():
+        if path and not Path(path).is_file():
+            raise ConfigError(f"data.{field}={path!r} not found; give an existing JSONL/JSON file or '' for the shipped one")
+    taxonomy = prompts.load_taxonomy(config.data.taxonomy or None)
+    shipped = prompts.load_default_sets(taxonomy)
+    train = prompts.load_prompts(config.data.train_prompts, taxonomy) if config.data.train_prompts else shipped.train
+    eval_ = prompts.load_prompts(config.data.eval_prompts, taxonomy) if config.data.eval_prompts else shipped.eval
+    benign = (prompts.load_prompts(config.data.benign_prompts, taxonomy, require_subcategory=False)
+              if config.data.benign_prompts else shipped.benign)
+
+    # An evaluation prompt that (nearly) repeats a training prompt would measure memorisation.
+    leaks = prompts.find_near_duplicates(eval_, train)
+    if leaks:
+        shown = ", ".join(f"{a} ~ {b} ({similarity:.2f})" for a, b, similarity in leaks[:5])
+        raise prompts.PromptFileError(
+            f"{len(leaks)} evaluation prompt(s) duplicate or nearly duplicate training prompts: {shown}; "
+            "remove them from one of the two files"
+        )
+    return prompts.PromptSets(train=train, eval=eval_, benign=benign, taxonomy=taxonomy)
+
+
 def select_prompts(config: ConfigDict, run_dir: Path):
-    sets = prompts.load_default_sets()
+    sets = load_prompt_sets(config)
     selection = prompts.select_scope(
         sets.train, config.scope, sets.taxonomy,
         narrow_subcategories=tuple(config.narrow_subcategories), filtered_out=tuple(config.filtered_out),
@@ -231,7 +256,7 @@ def cai_config(config: ConfigDict) -> cai.CAIConfig:
         answer=sample(config.cai.answer_max_new_tokens),
         critique=sample(config.cai.critique_max_new_tokens),
         revision=sample(config.cai.revision_max_new_tokens),
-        min_revision_words=config.cai.min_revision_words,
+        min_revision_words=config.cai.min_revision_words, keep_truncated=config.cai.keep_truncated,
     )
 
 
