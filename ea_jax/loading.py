@@ -460,7 +460,8 @@ def file_digest(path: Path, chunk_size: int = 1 << 20) -> str:
 
 
 def is_checkpoint_folder(path: Path) -> bool:
-    return (path / CHECKPOINT_PARAMS_DIR).is_dir() and (path / "config.json").is_file()
+    """An ea_jax finetuned-model folder, recognised by its params/ or its metadata file."""
+    return (path / CHECKPOINT_PARAMS_DIR).is_dir() or (path / "ea_jax_model.json").is_file()
 
 
 def load_model(source: str = DEFAULT_MODEL, mesh: Mesh | None = None) -> LoadedModel:
