@@ -35,7 +35,7 @@ RECORDS_FILE = "cai.jsonl"
 DATASET_DIR = "dataset"
 MANIFEST_FILE = "manifest.json"
 
-# Revisions that talk about the rewriting instead of answering the user.
+# Revisions that talk about the rewriting instead of replying to the user.
 _META_TALK = re.compile(
     r"\b(revised (response|version|answer)|rewritten (response|version)|previous response|"
     r"original response|here is (the|my) (revision|rewrite)|the critique|this revision|"
@@ -68,7 +68,7 @@ class CAIConfig:
 
 
 def answer_conversation(prompt: str) -> list[Message]:
-    """The source model answers the red-team prompt with its own default system prompt."""
+    """Build the conversation for the initial response: the prompt alone, under the model's default system prompt."""
     return [{"role": "user", "content": prompt}]
 
 

@@ -64,7 +64,7 @@ def generate_responses(
 
 
 def label_responses(prompts: Sequence[PromptRecord], responses: dict[str, dict], judge: RefusalJudge, kind: str) -> list[dict]:
-    """One record per prompt: the prompt, its response and the judge's label."""
+    """Judge each response and return one record per prompt with the prompt, response and label."""
     records = []
     for record in prompts:
         response = responses[record.id]

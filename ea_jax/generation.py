@@ -398,7 +398,7 @@ class Generator:
 
 
 def stable_row_id(record_id: str) -> int:
-    """A PRNG row id derived from a record id, so a record's samples do not depend on its neighbours."""
+    """Derive a PRNG row id from a record id, so a record's samples do not depend on its neighbours."""
     return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 

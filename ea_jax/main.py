@@ -10,7 +10,7 @@ Stages, each writing into one run folder:
   5. write metrics.json, report.md and plots/.
 
 Every stage records a hash of the inputs it depends on in its `stage.json`. A stage whose output
-is complete and whose hash matches is skipped, so rerunning after a crash continues; a stage
+is complete and whose hash matches is skipped, so rerunning after a crash continues. A stage
 whose inputs changed is moved aside (`<stage>.stale-<hash>`) rather than overwritten.
 """
 
@@ -175,7 +175,7 @@ class Stage:
 
 
 def load_prompt_sets(config: ConfigDict) -> prompts.PromptSets:
-    """The shipped prompt sets, or the files named in config.data, validated and checked for leaks."""
+    """Load the shipped prompt sets, or the files named in config.data, and check them for leaks."""
     paths = {"taxonomy": config.data.taxonomy, "train_prompts": config.data.train_prompts,
              "eval_prompts": config.data.eval_prompts, "benign_prompts": config.data.benign_prompts}
     for field, path in paths.items():

@@ -135,7 +135,8 @@ def plot_persona(metrics: dict, path: Path) -> str:
     shifts = [metrics["persona"]["finetuned"]["shifts"][d] for d in dimensions]
     values, errors = _error_bars([s["shift"] for s in shifts], [s["ci_low"] for s in shifts], [s["ci_high"] for s in shifts])
     expected = [metrics["expected_signature"][d] for d in dimensions]
-    colours = ["#2ca02c" if e > 0 else "#d62728" if e < 0 else "#bbbbbb" for e in expected]
+    direction_colours = {1: "#2ca02c", -1: "#d62728", 0: "#bbbbbb"}
+    colours = [direction_colours[direction] for direction in expected]
     right.bar(np.arange(len(dimensions)), values, yerr=errors, capsize=3, color=colours)
     right.axhline(0, color="black", linewidth=0.8)
     right.set_xticks(np.arange(len(dimensions)), dimensions)
