@@ -367,7 +367,10 @@ def gguf_tokenizer(path: str | Path):
         convert_gguf_tokenizer,
     )
 
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as error:  # gguf raises bare ValueError/struct errors on corrupt files
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({error}); re-download or re-export it") from error
     tokenizer_dict = {}
     for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items():
         value = _gguf_field(reader, f"tokenizer.{key}")

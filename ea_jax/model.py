@@ -124,8 +124,14 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
-        attention = d * h * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        layer = attention + 3 * d * f + 2 * d
+        n, k = self.num_attention_heads, self.num_key_value_heads
+        attention = d * h * (2 * n + 2 * k)
+        if self.attention_bias:
+            attention += (n + 2 * k) * h + d  # q, k, v and o biases
+        mlp = 3 * d * f
+        if self.mlp_bias:
+            mlp += 2 * f + d  # gate, up and down biases
+        layer = attention + mlp + 2 * d
         embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embeddings + d
 
@@ -355,7 +361,9 @@ class Llama(nnx.Module):
         cache_index: jax.Array | None = None,
         dtype=jnp.float32,
     ) -> tuple[jax.Array, KVCache | None]:
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)  # [B, T, D]
+        # Gather from a table that is not split over vocab, so XLA need not rebuild it on every device.
+        table = constrain(self.embed_tokens[...], (None, "embed"))
+        x = jnp.take(table, tokens, axis=0).astype(dtype)  # [B, T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
 
         new_keys, new_values = [], []
