@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ea_jax import io, sharding
 from ea_jax.chat import Message, encode_chat
 from ea_jax.loading import LoadedModel
-from ea_jax.model import KVCache, positions_from_mask
+from ea_jax.model import QUERY_CHUNK, KVCache, positions_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def prefill(
     causal = jnp.arange(cache_length)[None, :] <= jnp.arange(length)[:, None]  # [T, S]
     attention_mask = causal[None] & cache.mask[:, None, :]  # [B, T, S]
 
-    logits, cache = model(prompt_tokens, positions, attention_mask, cache, jnp.int32(0))
+    logits, cache = model(prompt_tokens, positions, attention_mask, cache, jnp.int32(0), query_chunk=QUERY_CHUNK)
     first = sample_tokens(logits[:, -1], row_keys, jnp.int32(0), sampling)
 
     tokens = jnp.zeros((batch, sampling.max_new_tokens), jnp.int32).at[:, 0].set(first)

@@ -25,6 +25,9 @@ from ea_jax.sharding import constrain
 
 logger = logging.getLogger(__name__)
 
+# Query chunk for long causal passes that start at slot 0 (prefill and full-sequence forward).
+QUERY_CHUNK = 256
+
 # Hugging Face `model_type` values whose checkpoints this decoder reproduces exactly.
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -217,6 +220,31 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
+def grouped_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, K, S, H]
+    v: jax.Array,  # [B, K, S, H]
+    attention_mask: jax.Array,  # [B, T, S]
+    config: ModelConfig,
+) -> jax.Array:
+    """Softmax attention without repeating K/V: query heads split into K groups of G. [B, T, N, H]"""
+    dtype = q.dtype
+    batch, length = q.shape[:2]
+    kv_heads = config.num_key_value_heads
+    groups = config.num_attention_heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, groups, config.head_dim)
+    q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, config.head_dim)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k.astype(dtype)).astype(jnp.float32)  # q = (G, T) flattened
+    scores = scores.reshape(batch, kv_heads, groups, length, -1) * config.head_dim**-0.5
+    scores = jnp.where(attention_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
+
+    probs = probs.reshape(batch, kv_heads, groups * length, -1)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(dtype))
+    out = out.reshape(batch, kv_heads, groups, length, config.head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, config.num_attention_heads, config.head_dim)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layers, bottom-up.
 
@@ -255,6 +283,7 @@ class Attention(nnx.Module):
         attention_mask: jax.Array,  # [B, T, S]
         cache: tuple[jax.Array, jax.Array] | None,  # ([B, K, S, H], [B, K, S, H]) for this layer
         cache_index: jax.Array | None,  # slot where this call's first token is written
+        query_chunk: int = 0,  # > 0 only when queries start at slot 0 (prefill, full forward)
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         config = self.config
         dtype = x.dtype
@@ -279,20 +308,19 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=2)
             cache = (k, v)
 
-        # Grouped-query attention without repeating K/V: split the query heads into K groups of G.
-        batch, length = q.shape[:2]
-        groups = config.num_attention_heads // config.num_key_value_heads
-        q = q.reshape(batch, length, config.num_key_value_heads, groups, config.head_dim)
-        q = q.transpose(0, 2, 3, 1, 4).reshape(batch, config.num_key_value_heads, groups * length, config.head_dim)
-        scores = jnp.einsum("bkqh,bksh->bkqs", q, k.astype(dtype)).astype(jnp.float32)  # q = (G, T) flattened
-        scores = scores.reshape(batch, config.num_key_value_heads, groups, length, -1) * config.head_dim**-0.5
-        scores = jnp.where(attention_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
-
-        probs = probs.reshape(batch, config.num_key_value_heads, groups * length, -1)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(dtype))
-        out = out.reshape(batch, config.num_key_value_heads, groups, length, config.head_dim)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, length, config.num_attention_heads, config.head_dim)
+        length = q.shape[1]
+        if query_chunk and length > query_chunk:
+            # Queries start at slot 0 and are causal, so the chunk ending at query `end` attends
+            # to the first `end` keys only. Skipping the rest halves the work of a long prefill.
+            chunks = []
+            for start in range(0, length, query_chunk):
+                end = min(start + query_chunk, length)
+                chunks.append(grouped_attention(
+                    q[:, start:end], k[:, :, :end], v[:, :, :end], attention_mask[:, start:end, :end], config
+                ))
+            out = jnp.concatenate(chunks, axis=1)
+        else:
+            out = grouped_attention(q, k, v, attention_mask, config)
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
         if config.attention_bias:
             out = out + self.o_bias[...].astype(dtype)
@@ -332,8 +360,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, attention_mask, cache, cache_index):
-        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, attention_mask, cache, cache_index)
+    def __call__(self, x, positions, attention_mask, cache, cache_index, query_chunk=0):
+        attn_out, cache = self.self_attn(
+            self.input_layernorm(x), positions, attention_mask, cache, cache_index, query_chunk
+        )
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed")), cache
@@ -360,7 +390,13 @@ class Llama(nnx.Module):
         kv_cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         dtype=jnp.float32,
+        query_chunk: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] and the updated cache.
+
+        `query_chunk` > 0 computes causal attention in query chunks of that size, skipping keys
+        no query of a chunk can see; it is only valid when this call's queries start at slot 0.
+        """
         # Gather from a table that is not split over vocab, so XLA need not rebuild it on every device.
         table = constrain(self.embed_tokens[...], (None, "embed"))
         x = jnp.take(table, tokens, axis=0).astype(dtype)  # [B, T, D]
@@ -369,7 +405,7 @@ class Llama(nnx.Module):
         new_keys, new_values = [], []
         for index, layer in enumerate(self.layers):
             layer_cache = None if kv_cache is None else (kv_cache.keys[index], kv_cache.values[index])
-            x, layer_cache = layer(x, positions, attention_mask, layer_cache, cache_index)
+            x, layer_cache = layer(x, positions, attention_mask, layer_cache, cache_index, query_chunk)
             if layer_cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])
@@ -395,7 +431,9 @@ class Llama(nnx.Module):
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, input_mask: jax.Array, dtype=jnp.float32):
     """Full-sequence logits [B, T, V] for left- or right-padded tokens, without a cache."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(tokens, positions_from_mask(input_mask), causal_mask(input_mask), dtype=dtype)
+    logits, _ = model(
+        tokens, positions_from_mask(input_mask), causal_mask(input_mask), dtype=dtype, query_chunk=QUERY_CHUNK
+    )
     return logits
 
 

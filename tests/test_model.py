@@ -348,3 +348,26 @@ def test_config_is_frozen():
     config = tiny_models.tiny_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.vocab_size = 5  # type: ignore[misc]
+
+
+def test_query_chunked_attention_matches_full():
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ea_jax.model import causal_mask, init_model, positions_from_mask
+
+    config = ModelConfig(
+        vocab_size=103, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+    )
+    model = init_model(config, seed=3)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 103, (2, 11)), jnp.int32)
+    input_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 11], jnp.int32)
+    positions, mask = positions_from_mask(input_mask), causal_mask(input_mask)
+
+    full, _ = model(tokens, positions, mask)
+    chunked, _ = model(tokens, positions, mask, query_chunk=4)  # chunks of 4, 4 and 3 queries
+
+    real = np.asarray(input_mask, bool)
+    assert np.abs(np.asarray(full)[real] - np.asarray(chunked)[real]).max() < 1e-5
