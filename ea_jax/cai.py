@@ -120,6 +120,12 @@ def draw_principles(constitution: Constitution, prompt_ids: Sequence[str], round
     return drawn
 
 
+def stage_seed(seed: int, round_number: int, stage: str) -> int:
+    """Derive a sampling seed per (run seed, round, stage), so no two stages or seeds share keys."""
+    stage_id = int(hashlib.sha256(stage.encode()).hexdigest()[:8], 16)
+    return int(np.random.SeedSequence([seed, round_number, stage_id]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def filter_reason(revision: str, finish_reason: str, min_words: int, keep_truncated: bool = False) -> str | None:
     """Why a revision is unusable as a training target, or None when it is usable."""
     if not revision.strip():
@@ -142,7 +148,8 @@ def generate_initial_responses(
 ) -> dict[str, dict]:
     """Source-model answers to the red-team prompts; independent of the constitution."""
     jobs = [(record.id, stable_row_id(record.id), answer_conversation(record.prompt)) for record in prompts]
-    return generate_journalled(generator, journal, jobs, config.answer, config.seed, config.journal_every, "initial answers")
+    seed = stage_seed(config.seed, 0, "answer")
+    return generate_journalled(generator, journal, jobs, config.answer, seed, config.journal_every, "initial answers")
 
 
 def generate_cai_records(
@@ -171,7 +178,7 @@ def generate_cai_records(
         ]
         critiques = generate_journalled(
             generator, work_dir / f"round{round_index + 1}_critique.jsonl", critique_jobs, config.critique,
-            config.seed + 1000 * (round_index + 1), config.journal_every, f"round {round_index + 1} critiques",
+            stage_seed(config.seed, round_index + 1, "critique"), config.journal_every, f"round {round_index + 1} critiques",
         )
 
         revision_jobs = [
@@ -181,7 +188,7 @@ def generate_cai_records(
         ]
         revisions = generate_journalled(
             generator, work_dir / f"round{round_index + 1}_revision.jsonl", revision_jobs, config.revision,
-            config.seed + 1000 * (round_index + 1) + 1, config.journal_every, f"round {round_index + 1} revisions",
+            stage_seed(config.seed, round_index + 1, "revision"), config.journal_every, f"round {round_index + 1} revisions",
         )
 
         for pid in by_id:

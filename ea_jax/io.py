@@ -20,9 +20,8 @@ def _json_default(value):
         return value.to_dict()
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    if hasattr(value, "tolist"):  # numpy arrays
+    # tolist() turns numpy and JAX arrays of any shape, scalars included, into Python values.
+    if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 

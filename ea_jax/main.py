@@ -65,6 +65,9 @@ def validate_config(config: ConfigDict) -> None:
         "cai.critique_max_new_tokens": config.cai.critique_max_new_tokens,
         "cai.revision_max_new_tokens": config.cai.revision_max_new_tokens, "sft.max_length": config.sft.max_length,
         "eval.bootstrap_resamples": config.eval.bootstrap_resamples,
+        "eval.persona_batch_size": config.eval.persona_batch_size,
+        "generation.chunk_size": config.generation.chunk_size,
+        "sft.checkpoint_every": config.sft.checkpoint_every, "sft.log_every": config.sft.log_every,
     }
     for name, value in positive_ints.items():
         if not isinstance(value, int) or value < 1:
@@ -426,7 +429,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from ea_jax.sft import SFTError
 
     return (ConfigError, ConstitutionError, prompts.PromptFileError, prompts.ScopeError, ModelLoadError,
-            PromptTooLongError, persona.PersonaFileError, SFTError, CheckpointError)
+            PromptTooLongError, persona.PersonaFileError, SFTError, CheckpointError, sharding.ShardingError)
 
 
 def main(argv) -> None:

@@ -287,9 +287,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         config = self.config
         dtype = x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dtype))
+        batch, length = x.shape[:2]
+        n, k_heads, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        # Projections as 2-D matmuls on free reshapes of the [D, N, H] kernels: written as 3-D
+        # einsums, XLA on CPU transposed a kernel copy inside every decode step.
+        q = (x @ self.q_proj[...].astype(dtype).reshape(-1, n * h)).reshape(batch, length, n, h)
+        k = (x @ self.k_proj[...].astype(dtype).reshape(-1, k_heads * h)).reshape(batch, length, k_heads, h)
+        v = (x @ self.v_proj[...].astype(dtype).reshape(-1, k_heads * h)).reshape(batch, length, k_heads, h)
         if config.attention_bias:
             q = q + self.q_bias[...].astype(dtype)
             k = k + self.k_bias[...].astype(dtype)
@@ -308,7 +312,6 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=2)
             cache = (k, v)
 
-        length = q.shape[1]
         if query_chunk and length > query_chunk:
             # Queries start at slot 0 and are causal, so the chunk ending at query `end` attends
             # to the first `end` keys only. Skipping the rest halves the work of a long prefill.
@@ -321,7 +324,7 @@ class Attention(nnx.Module):
             out = jnp.concatenate(chunks, axis=1)
         else:
             out = grouped_attention(q, k, v, attention_mask, config)
-        out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
+        out = out.reshape(batch, length, n * h) @ self.o_proj[...].astype(dtype).reshape(n * h, -1)
         if config.attention_bias:
             out = out + self.o_bias[...].astype(dtype)
         return out, cache

@@ -237,14 +237,17 @@ def render_markdown(metrics: dict, taxonomy: Taxonomy, env: dict, plots: dict[st
         "",
         f"Cosine between the observed shift vector and the expected signature: "
         f"{'undefined' if cosine is None else f'{cosine:+.3f}'}. "
-        f"Rank of the expected dimension among all shifts (1 = largest): {match.get('own_dimension_rank')}.",
+        "Rank of the expected dimension among all shifts (1 = largest): "
+        + (", ".join(f"{dim} {rank}" for dim, rank in match.get("own_dimension_rank", {}).items()) or "none expected to rise")
+        + ".",
         "",
         f"![Persona profile]({plots['persona']})",
         "",
         "## CAI data",
         "",
         f"{manifest['num_prompts']} prompts, {manifest['num_kept']} revisions kept for SFT, "
-        f"{manifest['num_filtered']} filtered ({manifest['filtered_by_reason'] or 'none'}).",
+        f"{manifest['num_filtered']} filtered ("
+        + (", ".join(f"{reason}: {count}" for reason, count in manifest["filtered_by_reason"].items()) or "none") + ").",
         "",
         "## Files",
         "",
