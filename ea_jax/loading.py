@@ -292,19 +292,18 @@ def _gguf_field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
-    """Read a Llama-architecture GGUF: config, dequantised HF-named state dict, raw metadata."""
+def _open_gguf(path: Path):
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
-    path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {str(path)!r} not found; check model.source")
     try:
-        reader = GGUFReader(str(path))
+        return GGUFReader(str(path))
     except Exception as error:  # gguf raises bare ValueError/struct errors on corrupt files
         raise ModelLoadError(f"{path} is not a readable GGUF file ({error}); re-download or re-export it") from error
 
+
+def _gguf_config(reader, path: Path) -> ModelConfig:
     architecture = _gguf_field(reader, "general.architecture")
     if architecture != "llama":
         raise ModelLoadError(f"{path} has architecture {architecture!r}; only 'llama' GGUF files are supported")
@@ -330,7 +329,16 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dic
     }
     if _gguf_field(reader, "llama.rope.scaling.type") not in (None, "none"):
         raise ModelLoadError(f"{path} uses rope scaling, which is not implemented for GGUF files")
-    config = ModelConfig.from_hf_config(hf_config)
+    return ModelConfig.from_hf_config(hf_config)
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
+    """Read a Llama-architecture GGUF: config, dequantised HF-named state dict, raw metadata."""
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    reader = _open_gguf(path)
+    config = _gguf_config(reader, path)
 
     state: dict[str, np.ndarray] = {}
     unmapped = []
@@ -465,6 +473,20 @@ def file_digest(path: Path, chunk_size: int = 1 << 20) -> str:
 def is_checkpoint_folder(path: Path) -> bool:
     """An ea_jax finetuned-model folder, recognised by its params/ or its metadata file."""
     return (path / CHECKPOINT_PARAMS_DIR).is_dir() or (path / "ea_jax_model.json").is_file()
+
+
+def read_model_config(source: str = DEFAULT_MODEL) -> ModelConfig:
+    """Read only the architecture of `source` (same forms as load_model), without any weights."""
+    path = find_default_gguf() if source == DEFAULT_MODEL else Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_config(_open_gguf(path), path)
+    config_path = path / "config.json"
+    if path.is_dir() and config_path.is_file():
+        return ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    raise ModelLoadError(
+        f"model source {source!r} not found or not a model; use 'default', a .gguf file, a Hugging Face "
+        "folder or an ea_jax checkpoint folder"
+    )
 
 
 def load_model(source: str = DEFAULT_MODEL, mesh: Mesh | None = None) -> LoadedModel:

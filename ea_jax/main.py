@@ -31,7 +31,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from ea_jax import cai, evaluation, io, persona, prompts, report, sharding
+from ea_jax import cai, evaluation, io, persona, plan, prompts, report, sharding
 from ea_jax.constitutions import ConstitutionError, load_constitution
 from ea_jax.generation import Generator, PromptTooLongError, SamplingConfig
 from ea_jax.judges import RefusalJudge
@@ -398,6 +398,9 @@ def run(config: ConfigDict) -> Path:
     statements = select_statements(config)
 
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    # Pre-flight: every divisibility problem is reported here, before weights load or anything compiles.
+    run_plan, _ = plan.plan_from_config(config, mesh.devices.size)
+    plan.check_plan(run_plan)
     source = load_model(config.model.source, mesh=mesh)
     gen_kwargs = dict(batch_size=config.generation.batch_size, max_cache_length=config.model.max_cache_length,
                       chunk_size=config.generation.chunk_size)
