@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.cai.critique_max_new_tokens = 128
     config.cai.revision_max_new_tokens = 192
     config.cai.min_revision_words = 3  # shorter revisions are filtered out
-    config.cai.keep_truncated = False  # keep revisions cut off at revision_max_new_tokens (smoke tests only)
+    config.cai.trim_truncated = True  # cut a revision that hit revision_max_new_tokens back to its last full sentence
+    config.cai.keep_truncated = False  # keep untrimmable cut-off revisions as they are (smoke tests only)
 
     config.sft = ml_collections.ConfigDict()
     config.sft.num_epochs = 3  # sets num_steps when num_steps is 0

@@ -54,8 +54,10 @@ class CAIConfig:
     revision: SamplingConfig = SamplingConfig(max_new_tokens=192, temperature=0.7, top_p=0.9)
     journal_every: int = 32  # prompts per generation call between journal writes
     min_revision_words: int = 3
-    # Revisions cut off at max_new_tokens teach the model to stop mid-sentence, so they are
-    # dropped unless this is set (useful only for smoke tests with tiny token limits).
+    # A revision cut off at max_new_tokens is trimmed back to its last complete sentence when
+    # trim_truncated is set. Otherwise it is dropped, because it would teach the model to stop
+    # mid-sentence, unless keep_truncated is set (useful only for smoke tests).
+    trim_truncated: bool = True
     keep_truncated: bool = False
 
     def __post_init__(self):
@@ -124,6 +126,25 @@ def stage_seed(seed: int, round_number: int, stage: str) -> int:
     """Derive a sampling seed per (run seed, round, stage), so no two stages or seeds share keys."""
     stage_id = int(hashlib.sha256(stage.encode()).hexdigest()[:8], 16)
     return int(np.random.SeedSequence([seed, round_number, stage_id]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n\n")
+
+
+def trim_to_last_sentence(text: str, min_fraction: float = 0.5) -> str | None:
+    """Cut `text` after its last complete sentence, or return None if that loses over half of it.
+
+    Text generated up to max_new_tokens usually ends mid-sentence; the sentences before the
+    cut are a complete answer. A sentence ends at ., ! or ? followed by whitespace (closing
+    quotes or brackets allowed) or at a blank line.
+    """
+    ends = [match.end() for match in _SENTENCE_END.finditer(text + " ")]
+    if not ends:
+        return None
+    trimmed = text[: ends[-1]].rstrip()
+    if len(trimmed) < min_fraction * len(text.rstrip()):
+        return None
+    return trimmed
 
 
 def filter_reason(revision: str, finish_reason: str, min_words: int, keep_truncated: bool = False) -> str | None:
@@ -207,9 +228,13 @@ def generate_cai_records(
     records = []
     for record in prompts:
         final = rounds[record.id][-1]
-        reason = filter_reason(
-            final["revision"], final["revision_finish_reason"], config.min_revision_words, config.keep_truncated
-        )
+        revision, finish_reason = final["revision"], final["revision_finish_reason"]
+        trimmed = False
+        if finish_reason == FINISH_LENGTH and config.trim_truncated:
+            cut = trim_to_last_sentence(revision)
+            if cut is not None:
+                revision, finish_reason, trimmed = cut, "trimmed", True
+        reason = filter_reason(revision, finish_reason, config.min_revision_words, config.keep_truncated)
         records.append({
             "id": record.id,
             "prompt": record.prompt,
@@ -219,7 +244,8 @@ def generate_cai_records(
             "initial_response": initial[record.id]["text"],
             "initial_finish_reason": initial[record.id]["finish_reason"],
             "rounds": rounds[record.id],
-            "revision": final["revision"],
+            "revision": revision,  # the SFT target: the last round's revision, trimmed if it was cut off
+            "revision_trimmed": trimmed,
             "principle_ids": [entry["principle_id"] for entry in rounds[record.id]],
             "constitution": constitution.name,
             "constitution_sha256": constitution.sha256,
@@ -263,6 +289,7 @@ def write_dataset(records: list[dict], output_dir: Path, extra_manifest: dict) -
     manifest = {
         "num_prompts": len(records),
         "num_kept": len(kept),
+        "num_trimmed": sum(bool(record.get("revision_trimmed")) for record in kept),
         "num_filtered": len(records) - len(kept),
         "filtered_by_reason": reasons,
         "kept_per_subcategory": per_subcategory,

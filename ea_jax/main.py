@@ -260,6 +260,7 @@ def cai_config(config: ConfigDict) -> cai.CAIConfig:
         critique=sample(config.cai.critique_max_new_tokens),
         revision=sample(config.cai.revision_max_new_tokens),
         min_revision_words=config.cai.min_revision_words, keep_truncated=config.cai.keep_truncated,
+        trim_truncated=config.cai.trim_truncated,
     )
 
 

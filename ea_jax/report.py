@@ -245,7 +245,8 @@ def render_markdown(metrics: dict, taxonomy: Taxonomy, env: dict, plots: dict[st
         "",
         "## CAI data",
         "",
-        f"{manifest['num_prompts']} prompts, {manifest['num_kept']} revisions kept for SFT, "
+        f"{manifest['num_prompts']} prompts, {manifest['num_kept']} revisions kept for SFT "
+        f"({manifest.get('num_trimmed', 0)} of them trimmed to their last complete sentence), "
         f"{manifest['num_filtered']} filtered ("
         + (", ".join(f"{reason}: {count}" for reason, count in manifest["filtered_by_reason"].items()) or "none") + ").",
         "",

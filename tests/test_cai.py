@@ -406,3 +406,18 @@ def test_sft_examples_kept_only(mixed_records):
         [{"role": "user", "content": "prompt c"}, {"role": "assistant", "content": mixed_records[2]["revision"]}],
         [{"role": "user", "content": "prompt g"}, {"role": "assistant", "content": mixed_records[6]["revision"]}],
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("I won't help with that. Talk to your neighbour calmly. You could also ask a medi",
+         "I won't help with that. Talk to your neighbour calmly."),
+        ('She said "no." Then she left! And', 'She said "no." Then she left!'),
+        ("First paragraph without a full stop\n\nSecond paragraph that is cut", "First paragraph without a full stop"),
+        ("Short. Then a long rambling continuation that goes on without any sentence end", None),
+        ("no sentence end at all", None),
+    ],
+)
+def test_trim_to_last_sentence(text, expected):
+    assert cai.trim_to_last_sentence(text) == expected

@@ -193,7 +193,7 @@ def test_report_environment(written):
 def test_report_cai_counts(written):
     _, _, text = written
 
-    assert "5 prompts, 3 revisions kept for SFT, 2 filtered (truncated: 2)." in text
+    assert "5 prompts, 3 revisions kept for SFT (0 of them trimmed to their last complete sentence), 2 filtered (truncated: 2)." in text
 
 
 def test_report_writes_pngs(written):
