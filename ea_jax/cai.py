@@ -135,7 +135,7 @@ def trim_to_last_sentence(text: str, min_fraction: float = 0.5) -> str | None:
     """Cut `text` after its last complete sentence, or return None if that loses over half of it.
 
     Text generated up to max_new_tokens usually ends mid-sentence; the sentences before the
-    cut are a complete answer. A sentence ends at ., ! or ? followed by whitespace (closing
+    cut are a complete reply. A sentence ends at ., ! or ? followed by whitespace (closing
     quotes or brackets allowed) or at a blank line.
     """
     ends = [match.end() for match in _SENTENCE_END.finditer(text + " ")]
@@ -148,7 +148,7 @@ def trim_to_last_sentence(text: str, min_fraction: float = 0.5) -> str | None:
 
 
 def filter_reason(revision: str, finish_reason: str, min_words: int, keep_truncated: bool = False) -> str | None:
-    """Why a revision is unusable as a training target, or None when it is usable."""
+    """Return why a revision is unusable as a training target, or None when it is usable."""
     if not revision.strip():
         return "empty"
     if finish_reason == FINISH_LENGTH and not keep_truncated:
@@ -167,7 +167,7 @@ def filter_reason(revision: str, finish_reason: str, min_words: int, keep_trunca
 def generate_initial_responses(
     generator: Generator, prompts: Sequence[PromptRecord], config: CAIConfig, journal: Path
 ) -> dict[str, dict]:
-    """Source-model answers to the red-team prompts; independent of the constitution."""
+    """Generate the source model's initial responses, which do not depend on the constitution."""
     jobs = [(record.id, stable_row_id(record.id), answer_conversation(record.prompt)) for record in prompts]
     seed = stage_seed(config.seed, 0, "answer")
     return generate_journalled(generator, journal, jobs, config.answer, seed, config.journal_every, "initial answers")
@@ -301,7 +301,7 @@ def write_dataset(records: list[dict], output_dir: Path, extra_manifest: dict) -
 
 
 def sft_examples(records: Sequence[dict]) -> list[list[Message]]:
-    """Chat examples for SFT: the red-team prompt and the final revision, kept records only."""
+    """Build SFT chat examples, the red-team prompt and its final revision, from kept records only."""
     return [
         [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["revision"]}]
         for record in records

@@ -49,7 +49,7 @@ def _shard_factor(spec_entry, mesh_sizes: dict[str, int]) -> int:
 
 
 def param_rows(config: ModelConfig, mesh_sizes: dict[str, int]) -> tuple[list[ParamRow], list[str]]:
-    """Each parameter's shape, logical axes, mesh spec and per-device shape; plus divisibility problems."""
+    """List each parameter's shape, logical axes, mesh spec and per-device shape, and divisibility problems."""
     import jax
     from flax import nnx
 
