@@ -47,6 +47,10 @@ FINISH_LENGTH = "length"
 _SEEN_SHAPES: set[tuple] = set()
 
 
+class GenerationConfigError(ValueError):
+    """Generator settings that do not fit the model or the mesh."""
+
+
 class PromptTooLongError(ValueError):
     """A prompt that, with the requested new tokens, does not fit the KV cache."""
 
@@ -237,14 +241,14 @@ class Generator:
         self.model = model
         multiple = sharding.batch_multiple(model.mesh)
         if batch_size % multiple:
-            raise ValueError(
+            raise GenerationConfigError(
                 f"batch_size={batch_size} is not a multiple of the mesh's data x fsdp size {multiple}; "
                 f"use a multiple of {multiple}"
             )
         self.batch_size = batch_size
         self.max_cache_length = max_cache_length or model.config.max_position_embeddings
         if self.max_cache_length > model.config.max_position_embeddings:
-            raise ValueError(
+            raise GenerationConfigError(
                 f"max_cache_length={self.max_cache_length} exceeds the model's max_position_embeddings="
                 f"{model.config.max_position_embeddings}; lower it"
             )

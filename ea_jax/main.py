@@ -90,6 +90,11 @@ def validate_config(config: ConfigDict) -> None:
         problems.append(f"cai.temperature={config.cai.temperature} must be >= 0")
     if not 0.0 < config.cai.top_p <= 1.0:
         problems.append(f"cai.top_p={config.cai.top_p} must be in (0, 1]")
+    if not isinstance(config.seed, int) or config.seed < 0:
+        problems.append(f"seed={config.seed!r} must be an integer >= 0")
+    shape = tuple(config.mesh.shape) if isinstance(config.mesh.shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(isinstance(size, int) for size in shape):
+        problems.append(f"mesh.shape={config.mesh.shape!r} must be three integers (data, fsdp, tensor), e.g. '(1,-1,1)'")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -202,15 +207,32 @@ def load_prompt_sets(config: ConfigDict) -> prompts.PromptSets:
     return prompts.PromptSets(train=train, eval=eval_, benign=benign, taxonomy=taxonomy)
 
 
+def take_balanced(records: list, limit: int, key) -> list:
+    """Take up to `limit` records round-robin over groups (key(record)), keeping file order within each.
+
+    A cap then samples every subcategory or category instead of the first ones in the file.
+    """
+    if not limit or limit >= len(records):
+        return list(records)
+    groups: dict[str, list] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    chosen = []
+    for index in range(max(len(group) for group in groups.values())):
+        for group in groups.values():
+            if index < len(group) and len(chosen) < limit:
+                chosen.append(group[index])
+    order = {id(record): position for position, record in enumerate(records)}
+    return sorted(chosen, key=lambda record: order[id(record)])
+
+
 def select_prompts(config: ConfigDict, run_dir: Path):
     sets = load_prompt_sets(config)
     selection = prompts.select_scope(
         sets.train, config.scope, sets.taxonomy,
         narrow_subcategories=tuple(config.narrow_subcategories), filtered_out=tuple(config.filtered_out),
     )
-    train = list(selection.kept)
-    if config.data.max_train_prompts:
-        train = train[: config.data.max_train_prompts]
+    train = take_balanced(list(selection.kept), config.data.max_train_prompts, lambda r: r.subcategory)
 
     eval_prompts = []
     per_subcategory: dict[str, int] = {}
@@ -220,9 +242,7 @@ def select_prompts(config: ConfigDict, run_dir: Path):
             continue
         per_subcategory[record.subcategory] = count + 1
         eval_prompts.append(record)
-    benign = list(sets.benign)
-    if config.data.max_benign_prompts:
-        benign = benign[: config.data.max_benign_prompts]
+    benign = take_balanced(list(sets.benign), config.data.max_benign_prompts, lambda r: r.category)
 
     io.atomic_write_json(run_dir / "data" / "scope.json", {
         **selection.to_manifest(),
@@ -315,6 +335,9 @@ def run_sft(config, run_dir, source: LoadedModel, records: list[dict], cai_hash:
 
     result = sft.train(source, examples, settings, stage.folder)
     model_id = f"{source.model_id}+sft:{stage.hash}"
+    if model_dir.exists():
+        # Written by this same stage before a crash stopped it from marking itself complete.
+        shutil.rmtree(model_dir)
     checkpoints.save_checkpoint_folder(source, result.params, model_dir, model_id=model_id)
     io.atomic_write_json(stage.folder / "history.json", result.metrics)
     stage.finish()
@@ -386,11 +409,10 @@ def run(config: ConfigDict) -> Path:
     started = time.time()
     validate_config(config)
     constitution = load_constitution(config.constitution)
-    run_dir = Path(config.output_dir) / run_name(config)
+    # Absolute, because Orbax rejects relative checkpoint paths when a later run resumes.
+    run_dir = (Path(config.output_dir) / run_name(config)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_json(run_dir / "config.json", config.to_dict())
     env = environment_info()
-    io.atomic_write_json(run_dir / "environment.json", env)
     logger.info("run folder %s; git commit %s; jax %s on %s", run_dir, env["git_commit"], env["packages"]["jax"], env["devices"])
     logger.info("resolved config:\n%s", config)
 
@@ -403,6 +425,10 @@ def run(config: ConfigDict) -> Path:
     run_plan, _ = plan.plan_from_config(config, mesh.devices.size)
     plan.check_plan(run_plan)
     source = load_model(config.model.source, mesh=mesh)
+    # Written only once the inputs passed every early check, so a rejected rerun leaves the
+    # record of the run that produced this folder intact.
+    io.atomic_write_json(run_dir / "config.json", config.to_dict())
+    io.atomic_write_json(run_dir / "environment.json", env)
     gen_kwargs = dict(batch_size=config.generation.batch_size, max_cache_length=config.model.max_cache_length,
                       chunk_size=config.generation.chunk_size)
     source_generator = Generator(source, **gen_kwargs)
@@ -422,6 +448,12 @@ def run(config: ConfigDict) -> Path:
     metrics = compute_metrics(config, taxonomy, constitution, trained, labelled, p_yes, statements, models)
     metrics["cai_manifest"] = json.loads((run_dir / "cai" / cai.MANIFEST_FILE).read_text())
     metrics["elapsed_seconds"] = round(time.time() - started, 1)
+    history_path = run_dir / "sft" / "history.json"
+    metrics["sft"] = {
+        "num_examples": metrics["cai_manifest"]["num_kept"],
+        "settings": json.loads((run_dir / "sft" / "stage.json").read_text())["key"]["sft"],
+        "last_steps": json.loads(history_path.read_text())[-3:] if history_path.is_file() else [],
+    }
     io.atomic_write_json(run_dir / "metrics.json", metrics)
     report_path = report.write_report(run_dir, metrics, taxonomy, env)
     return report_path
@@ -430,10 +462,12 @@ def run(config: ConfigDict) -> Path:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by bad input: reported as one message and exit status 2, without a traceback."""
     from ea_jax.checkpoints import CheckpointError
+    from ea_jax.generation import GenerationConfigError
     from ea_jax.sft import SFTError
 
     return (ConfigError, ConstitutionError, prompts.PromptFileError, prompts.ScopeError, ModelLoadError,
-            PromptTooLongError, persona.PersonaFileError, SFTError, CheckpointError, sharding.ShardingError)
+            PromptTooLongError, persona.PersonaFileError, SFTError, CheckpointError, sharding.ShardingError,
+            GenerationConfigError)
 
 
 def main(argv) -> None:
@@ -453,6 +487,18 @@ def main(argv) -> None:
     print(f"Run folder: {report_path.parent}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse flags, turning a misspelled or ill-typed --config field into one message and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as error:
+        # ml_collections reports an unknown field as the repr of a KeyError: unquote it.
+        text = str(error).replace("\\n", "\n").replace("\\'", "'")
+        message = " ".join(line.strip(" '\"") for line in text.splitlines() if line.strip(" '\"")) or repr(error)
+        print(f"error: invalid command line: {message}\nSee configs/base.py for the fields and their types.", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

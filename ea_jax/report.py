@@ -126,7 +126,7 @@ def plot_persona(metrics: dict, path: Path) -> str:
         scores = [metrics["persona"][model]["dimensions"][d] for d in dimensions]
         values, errors = _error_bars([s["mean"] for s in scores], [s["ci_low"] for s in scores], [s["ci_high"] for s in scores])
         left.bar(np.arange(len(dimensions)) + offset, values, width, yerr=errors, capsize=3, label=model, color=MODEL_COLOURS[model])
-    left.set_xticks(np.arange(len(dimensions)), dimensions)
+    left.set_xticks(np.arange(len(dimensions)), dimensions, rotation=20, ha="right")
     left.set_ylim(0, 1)
     left.set_ylabel("keyed agreement (95% CI)")
     left.set_title("Persona dimension scores")
@@ -139,9 +139,10 @@ def plot_persona(metrics: dict, path: Path) -> str:
     colours = [direction_colours[direction] for direction in expected]
     right.bar(np.arange(len(dimensions)), values, yerr=errors, capsize=3, color=colours)
     right.axhline(0, color="black", linewidth=0.8)
-    right.set_xticks(np.arange(len(dimensions)), dimensions)
+    right.set_xticks(np.arange(len(dimensions)), dimensions, rotation=20, ha="right")
     right.set_ylabel("finetuned - source (95% paired CI)")
-    right.set_title("Shift; green = expected to rise, red = to fall, grey = no expectation")
+    right.set_title("Shift (green: expected to rise,\nred: to fall, grey: no expectation)", fontsize=10)
+    figure.tight_layout()
     return _save(figure, path)
 
 
@@ -164,20 +165,26 @@ def render_markdown(metrics: dict, taxonomy: Taxonomy, env: dict, plots: dict[st
         f"- Judge: `{metrics['judge']}` (offline, rule-based); "
         "unscorable responses stay in the denominator and are counted.",
         f"- Git commit `{env.get('git_commit')}`{' (uncommitted changes)' if env.get('git_dirty') else ''}, "
-        f"jax {env['packages'].get('jax')}, flax {env['packages'].get('flax')}; {metrics['elapsed_seconds']} s in total.",
+        f"jax {env['packages'].get('jax')}, flax {env['packages'].get('flax')}; "
+        f"{metrics['elapsed_seconds']} s in this invocation (stages finished by earlier ones were skipped).",
         "",
         "## Summary",
         "",
-        "| model | harmful compliance (red-team) | over-refusal (benign) |",
-        "|---|---|---|",
+        "| model | harmful compliance (red-team) | over-refusal (benign) | unscorable responses |",
+        "|---|---|---|---|",
     ]
     for model in ("source", "finetuned"):
         overall = safety[model]["overall"]
-        lines.append(f"| {model} | {_rate_cell(overall['harmful_compliance'])} | {_rate_cell(overall['over_refusal'])} |")
+        lines.append(
+            f"| {model} | {_rate_cell(overall['harmful_compliance'])} | {_rate_cell(overall['over_refusal'])} | "
+            f"{safety[model]['num_unscorable']} |"
+        )
 
     lines += [
         "",
-        "Rates are shares of responses, with 95% percentile-bootstrap intervals and counts.",
+        "Rates are shares of all responses, with 95% percentile-bootstrap intervals and counts. Unscorable "
+        "responses (empty or degenerate text) stay in the denominator as neither compliance nor refusal, so "
+        "a change in their number moves both rates: compare the last column before reading a change as safety.",
         "",
         "## Does the safety gain carry beyond the training data?",
         "",
@@ -249,6 +256,15 @@ def render_markdown(metrics: dict, taxonomy: Taxonomy, env: dict, plots: dict[st
         f"({manifest.get('num_trimmed', 0)} of them trimmed to their last complete sentence), "
         f"{manifest['num_filtered']} filtered ("
         + (", ".join(f"{reason}: {count}" for reason, count in manifest["filtered_by_reason"].items()) or "none") + ").",
+        "",
+        "## SFT",
+        "",
+        f"{metrics.get('sft', {}).get('num_examples', 'n/a')} examples, "
+        f"{metrics.get('sft', {}).get('settings', {}).get('num_steps', 'n/a')} optimizer steps of "
+        f"{metrics.get('sft', {}).get('settings', {}).get('batch_size', 'n/a')} x "
+        f"{metrics.get('sft', {}).get('settings', {}).get('grad_accum_steps', 'n/a')} examples, peak learning rate "
+        f"{metrics.get('sft', {}).get('settings', {}).get('learning_rate', 'n/a')}. A handful of steps moves a "
+        "model little: read small shifts with that in mind.",
         "",
         "## Files",
         "",

@@ -187,7 +187,7 @@ def test_report_environment(written):
     _, _, text = written
 
     assert "Git commit `0123abc` (uncommitted changes)" in text
-    assert "jax 0.10.2, flax 0.12.8; 12.5 s in total." in text
+    assert "jax 0.10.2, flax 0.12.8; 12.5 s in this invocation" in text
 
 
 def test_report_cai_counts(written):
