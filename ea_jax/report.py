@@ -84,7 +84,7 @@ def plot_rates_by_category(metrics: dict, key: str, title: str, path: Path) -> s
     axis.set_ylim(0, 1)
     axis.set_ylabel("rate (95% bootstrap CI)")
     axis.set_title(title)
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes, clear of the bars
     return _save(figure, path)
 
 
@@ -109,7 +109,7 @@ def plot_subcategories(metrics: dict, path: Path) -> str:
     axis.set_xlim(0, 1)
     axis.set_xlabel("harmful-compliance rate (95% bootstrap CI)")
     axis.set_title("Harmful compliance per subcategory ([trained], [filtered_out], [other])")
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(figure, path)
 
 

@@ -84,7 +84,7 @@ def test_sharded_sampling_matches_single_device(mesh_results):
 def test_generator_rejects_batch_not_multiple_of_mesh(mesh_results):
     message = mesh_results["rejections"]["batch_not_multiple"]
     assert message is not None
-    assert message.startswith("ValueError: batch_size=6")
+    assert message.startswith("GenerationConfigError: batch_size=6")
     assert "multiple of 4" in message
 
 
