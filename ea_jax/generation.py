@@ -280,8 +280,8 @@ class Generator:
                 raise PromptTooLongError(
                     f"prompt {index} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it needs "
                     f"a cache of {needed} slots (after bucketing) but max_cache_length is {self.max_cache_length}. "
-                    "Shorten the prompt, lower max_new_tokens or raise max_cache_length "
-                    f"(at most max_position_embeddings={self.model.config.max_position_embeddings})"
+                    "Shorten the prompt, lower max_new_tokens or raise max_cache_length (model.max_cache_length "
+                    f"in a run config; at most max_position_embeddings={self.model.config.max_position_embeddings})"
                 )
 
     def generate_chat(
