@@ -234,10 +234,14 @@ def render_markdown(metrics: dict, taxonomy: Taxonomy, env: dict, plots: dict[st
     for dimension, score in persona["source"]["dimensions"].items():
         expected = metrics["expected_signature"][dimension]
         sign = match.get("per_dimension", {}).get(dimension, {}).get("sign_match")
+        shift = persona["finetuned"]["shifts"][dimension]
+        sign_cell = "n/a" if sign is None else "yes" if sign else "no"
+        if sign is not None and shift["ci_low"] is not None and shift["ci_low"] <= 0 <= shift["ci_high"]:
+            sign_cell += " (CI spans 0)"  # the direction itself is not established
         lines.append(
             f"| {dimension} | {'+' if expected > 0 else '-' if expected < 0 else '0'} | {_score_cell(score)} | "
             f"{_score_cell(persona['finetuned']['dimensions'][dimension])} | "
-            f"{_shift_cell(persona['finetuned']['shifts'][dimension])} | {'n/a' if sign is None else 'yes' if sign else 'no'} |"
+            f"{_shift_cell(shift)} | {sign_cell} |"
         )
     cosine = match.get("cosine")
     lines += [
