@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.cai = ml_collections.ConfigDict()
     config.cai.rounds = 1  # critique/revision rounds per prompt
-    config.cai.temperature = 0.7  # sampling temperature for answers, critiques and revisions
+    config.cai.temperature = 0.7  # sampling temperature for initial responses, critiques and revisions
     config.cai.top_p = 0.9
     config.cai.answer_max_new_tokens = 160
     config.cai.critique_max_new_tokens = 128

@@ -2,7 +2,7 @@
 
     python -m ea_jax.export --model=runs/consequentialism_narrow/sft/model --output=exported/
 
-The folder holds config.json, model.safetensors, generation_config.json and the tokenizer files
+The folder contains config.json, model.safetensors, generation_config.json and the tokenizer files
 with the chat template, so `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)` reproduce the model's logits and prompts.
 """

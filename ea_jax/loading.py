@@ -368,17 +368,13 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dic
 
 def gguf_tokenizer(path: str | Path):
     """Build a fast tokenizer, with its chat template, from GGUF metadata (no torch needed)."""
-    from gguf import GGUFReader
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_TOKENIZER_MAPPING,
         convert_gguf_tokenizer,
     )
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as error:  # gguf raises bare ValueError/struct errors on corrupt files
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({error}); re-download or re-export it") from error
+    reader = _open_gguf(Path(path))
     tokenizer_dict = {}
     for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items():
         value = _gguf_field(reader, f"tokenizer.{key}")
@@ -471,7 +467,7 @@ def file_digest(path: Path, chunk_size: int = 1 << 20) -> str:
 
 
 def is_checkpoint_folder(path: Path) -> bool:
-    """An ea_jax finetuned-model folder, recognised by its params/ or its metadata file."""
+    """Tell whether `path` is an ea_jax finetuned-model folder, by its params/ or its metadata file."""
     return (path / CHECKPOINT_PARAMS_DIR).is_dir() or (path / "ea_jax_model.json").is_file()
 
 

@@ -235,7 +235,10 @@ def render_markdown(metrics: dict, taxonomy: Taxonomy, env: dict, plots: dict[st
         expected = metrics["expected_signature"][dimension]
         sign = match.get("per_dimension", {}).get(dimension, {}).get("sign_match")
         shift = persona["finetuned"]["shifts"][dimension]
-        sign_cell = "n/a" if sign is None else "yes" if sign else "no"
+        if sign is None:
+            sign_cell = "n/a"
+        else:
+            sign_cell = "yes" if sign else "no"
         if sign is not None and shift["ci_low"] is not None and shift["ci_low"] <= 0 <= shift["ci_high"]:
             sign_cell += " (CI spans 0)"  # the direction itself is not established
         lines.append(
